@@ -1,0 +1,1 @@
+"""Shared machinery: config validation, run directories, seeding, results."""
