@@ -1,0 +1,110 @@
+"""Run directories: provenance on start, a status marker, and resume from `checkpoints/last.ckpt`.
+
+A run directory is the Hydra output directory of one job. It holds the composed config (`.hydra/`), the
+command and git state (`provenance.json`), `checkpoints/last.ckpt`, the logs, `results.json` and
+`status.json`. Rerunning into a directory that has `last.ckpt` resumes from it; a directory whose run
+finished is rejected, because writing into it would mix two runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from lab.core.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def git_state(root: Path = PROJECT_ROOT) -> dict:
+    """Commit hash and whether the work tree differs from it; 'unknown' outside a git checkout."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "HEAD") or "unknown"
+        diff = git("diff", "HEAD")
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": "unknown", "dirty": None, "diff": ""}
+    return {"commit": commit, "dirty": bool(diff), "diff": diff}
+
+
+class RunDir:
+    """One job's output directory and the rules for reusing it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.last_checkpoint = self.checkpoints / "last.ckpt"
+        self.status_file = self.path / "status.json"
+
+    def status(self) -> str | None:
+        if not self.status_file.exists():
+            return None
+        return json.loads(self.status_file.read_text()).get("status")
+
+    def start(self) -> None:
+        """Mark the run as running and save the command and git state; reject a finished run."""
+        if self.status() == "finished":
+            raise ConfigError(
+                f"run directory {self.path} holds a finished run (see its results.json); "
+                "start a new run directory instead of writing into it."
+            )
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        git = git_state()
+        provenance = {
+            "command": [sys.executable, *sys.argv],
+            "cwd": os.getcwd(),
+            "git_commit": git["commit"],
+            "git_dirty": git["dirty"],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        }
+        attempt = 0
+        while (self.path / f"provenance.{attempt}.json").exists():
+            attempt += 1  # a resumed run keeps the record of every start
+        (self.path / f"provenance.{attempt}.json").write_text(json.dumps(provenance, indent=2))
+        if git["diff"]:
+            (self.path / f"git.{attempt}.diff").write_text(git["diff"])
+        self._write_status("running")
+
+    def finish(self, ok: bool, error: BaseException | None = None) -> None:
+        extra = {}
+        if error is not None:
+            extra["error"] = "".join(traceback.format_exception(error)).strip()
+        self._write_status("finished" if ok else "failed", **extra)
+
+    def _write_status(self, status: str, **extra) -> None:
+        record = {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(self.status_file)
+
+    def resolve_checkpoint(self, ckpt_path: str | None) -> str | None:
+        """Checkpoint to resume from: `None` resumes from last.ckpt when present, `last` requires it."""
+        if ckpt_path is None:
+            return str(self.last_checkpoint) if self.last_checkpoint.exists() else None
+        if ckpt_path == "last":
+            if not self.last_checkpoint.exists():
+                raise ConfigError(
+                    f"ckpt_path=last but {self.last_checkpoint} does not exist; pass hydra.run.dir=RUN_DIR "
+                    "of the run to resume, or drop ckpt_path to start a new run."
+                )
+            return str(self.last_checkpoint)
+        if not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path {ckpt_path} does not exist; pass the path of a .ckpt file or 'last'.")
+        return ckpt_path
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write JSON atomically, so a crash never leaves a half-written results file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)

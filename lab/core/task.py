@@ -1,0 +1,112 @@
+"""The task every experiment runs: validate, build data, model, loggers and trainer, fit, evaluate, record.
+
+A method plugs in through its LightningModule, which may provide:
+- `evaluate(dataloader, measure_speed) -> dict`: final held-out metrics for results.json;
+- `save_artifacts(run_dir)`: files a later stage reads (SkipGPT stage 1 writes its routers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lab.core.rundir import RunDir, git_state, write_json
+from lab.core.validate import validate_config
+
+log = logging.getLogger("lab")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the resolved config without paths, so the same experiment hashes the same anywhere."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("paths", None)
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(plain)).encode()).hexdigest()
+
+
+def run_task(cfg: DictConfig) -> float | None:
+    """Run one job in its run directory; return the value sweeps optimise (held-out loss), if any."""
+    validate_config(cfg)
+    run_dir = RunDir(cfg.paths.output_dir)
+    run_dir.start()
+    log.info("run directory: %s", run_dir.path)
+    ok = False
+    try:
+        metrics = _fit_and_evaluate(cfg, run_dir)
+        ok = True
+        return metrics.get("loss")
+    except BaseException as err:
+        run_dir.finish(False, err)
+        raise
+    finally:
+        if ok:
+            run_dir.finish(True)
+        _finish_wandb(failed=not ok)
+
+
+def _fit_and_evaluate(cfg: DictConfig, run_dir: RunDir) -> dict:
+    from lightning.pytorch import seed_everything
+
+    if cfg.get("seed") is not None:  # seed 0 is a seed
+        seed_everything(cfg.seed, workers=True)
+    log.info("seed: %s, git commit: %s", cfg.get("seed"), git_state()["commit"])
+
+    # Data first: missing or malformed files fail here, before any model is built.
+    datamodule = instantiate(cfg.data)
+    log.info("data: %s", ", ".join(str(p) for p in [*datamodule.train_paths, datamodule.val_path]))
+    module = instantiate(cfg.method, _convert_="all")
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir.path))
+
+    ckpt_path = run_dir.resolve_checkpoint(cfg.get("ckpt_path"))
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training was interrupted; rerun in the same run directory to resume")
+    trainer.save_checkpoint(run_dir.last_checkpoint)
+
+    metrics = {}
+    if trainer.is_global_zero:
+        if hasattr(module, "save_artifacts"):
+            module.save_artifacts(run_dir.path)
+        if hasattr(module, "evaluate"):
+            log.info("evaluating on %s", datamodule.val_path)
+            metrics = module.evaluate(datamodule.val_dataloader(), measure_speed=cfg.eval.measure_speed)
+            scalars = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=trainer.global_step)
+                logger.save()
+        results = {
+            "metrics": metrics,
+            "config_hash": config_hash(cfg),
+            "data": datamodule.source,
+            "data_detail": datamodule.describe(),
+            "git_commit": git_state()["commit"],
+            "seed": cfg.get("seed"),
+            "global_step": trainer.global_step,
+            "run_dir": str(run_dir.path),
+            "task_name": cfg.task_name,
+        }
+        write_json(run_dir.path / "results.json", results)
+        log.info("results: %s", run_dir.path / "results.json")
+    return metrics
+
+
+def _finish_wandb(failed: bool) -> None:
+    """End the W&B run of this job, so the next job of a multirun starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def results_of(run_dir: str | Path) -> dict:
+    """The results.json of a finished run."""
+    import json
+
+    return json.loads((Path(run_dir) / "results.json").read_text())
