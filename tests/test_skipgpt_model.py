@@ -11,7 +11,7 @@ from lab.methods.skipgpt.model import (
     Router,
     SkipGPT,
     execute_gate,
-    linear_temperature,
+    linear_schedule,
     overall_sparsity,
     sparsity,
 )
@@ -133,9 +133,9 @@ def test_parameter_unit_weights_by_module_size():
 
 
 def test_temperature_anneals_linearly():
-    assert linear_temperature(0, 101, 5.0, 1.0) == 5.0
-    assert linear_temperature(50, 101, 5.0, 1.0) == pytest.approx(3.0)
-    assert linear_temperature(100, 101, 5.0, 1.0) == 1.0
+    assert linear_schedule(0, 101, 5.0, 1.0) == 5.0
+    assert linear_schedule(50, 101, 5.0, 1.0) == pytest.approx(3.0)
+    assert linear_schedule(100, 101, 5.0, 1.0) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -63,15 +63,20 @@ class Router(nn.Module):
         return self.net(hidden.float())
 
 
-def execute_gate(logits: torch.Tensor, routing: str, temperature: float) -> torch.Tensor:
+def execute_gate(logits: torch.Tensor, routing: str, temperature: float, noise_scale: float = 1.0) -> torch.Tensor:
     """Return the execute gate (..., ) in {0, 1} from router logits (..., 2).
 
-    `gumbel` samples a hard one-hot with Gumbel-softmax and a straight-through gradient (forward 0/1,
-    backward the soft sample's gradient); `argmax` is the deterministic evaluation rule; `sample` draws
-    from the router's softmax without a gradient.
+    `gumbel` takes the hard one-hot argmax of logits + noise_scale * Gumbel noise in the forward pass and
+    the gradient of softmax((logits + noise) / temperature) in the backward pass (straight-through). With
+    noise_scale 1 this is torch's `gumbel_softmax(hard=True)`, the paper's rule; at 0 it is a
+    straight-through argmax, the rule evaluation uses. `argmax` is the deterministic evaluation rule;
+    `sample` draws from the router's softmax without a gradient.
     """
     if routing == "gumbel":
-        return F.gumbel_softmax(logits, tau=temperature, hard=True, dim=-1)[..., 0]
+        noise = -torch.empty_like(logits).exponential_().log()  # standard Gumbel samples
+        soft = ((logits + noise_scale * noise) / temperature).softmax(dim=-1)
+        hard = F.one_hot(soft.argmax(dim=-1), num_classes=2).to(soft.dtype)
+        return (hard - soft.detach() + soft)[..., 0]
     if routing == "argmax":
         return (logits[..., 0] >= logits[..., 1]).float()
     if routing == "sample":
@@ -170,12 +175,16 @@ class SkipGPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         routing: str = "argmax",
         temperature: float = 1.0,
+        noise_scale: float = 1.0,
         skip: bool = False,
         cache: KVCache | None = None,
+        gates: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> RoutedOutput:
         """Run the routed model on (batch, tokens) ids; `attention_mask` is 1 for real tokens, 0 for padding.
 
-        With a cache, the ids continue the cached sequence and the cache is extended in place.
+        With a cache, the ids continue the cached sequence and the cache is extended in place. `gates`, two
+        (layers, batch, tokens) tensors of execute gates for attention and MLP, replaces the routers'
+        decisions (benchmarks use it to skip an exact share of modules).
         """
         decoder = self.base.model
         batch, tokens = input_ids.shape
@@ -192,22 +201,28 @@ class SkipGPT(nn.Module):
         attn_gates, mlp_gates = [], []
         for i, layer in enumerate(self.layers):
             layer_input = x
-            g_attn = self._gate(self.attn_routers[i], x, routing, temperature)
+            if gates is None:
+                g_attn = self._gate(self.attn_routers[i], x, routing, temperature, noise_scale)
+            else:
+                g_attn = gates[0][i]
             x = self._attention(i, layer, x, g_attn, valid, positions, cos, sin, skip, cache)
             router_input = x if self.mlp_router_input == "post_attention" else layer_input
-            g_mlp = self._gate(self.mlp_routers[i], router_input, routing, temperature)
+            if gates is None:
+                g_mlp = self._gate(self.mlp_routers[i], router_input, routing, temperature, noise_scale)
+            else:
+                g_mlp = gates[1][i]
             x = self._mlp(layer, x, g_mlp, valid, skip)
             attn_gates.append(g_attn)
             mlp_gates.append(g_mlp)
         logits = self.base.lm_head(decoder.norm(x))
         return RoutedOutput(logits, torch.stack(attn_gates), torch.stack(mlp_gates))
 
-    def _gate(self, router: Router, hidden, routing: str, temperature: float) -> torch.Tensor:
+    def _gate(self, router: Router, hidden, routing: str, temperature: float, noise_scale: float) -> torch.Tensor:
         if routing == "dense":
             return hidden.new_ones(hidden.shape[:2], dtype=torch.float32)
         if routing == "all_skip":
             return hidden.new_zeros(hidden.shape[:2], dtype=torch.float32)
-        return execute_gate(router(hidden), routing, temperature)
+        return execute_gate(router(hidden), routing, temperature, noise_scale)
 
     def _mlp(self, layer, x, gate, valid, skip: bool) -> torch.Tensor:
         if not skip:
@@ -325,8 +340,8 @@ def overall_sparsity(out: RoutedOutput, valid: torch.Tensor, unit: str, attn_par
     raise ValueError(f"sparsity unit {unit!r} is not 'module' or 'parameter'")
 
 
-def linear_temperature(step: int, total_steps: int, start: float, end: float) -> float:
-    """Gumbel temperature annealed linearly from `start` at step 0 to `end` at the last step."""
+def linear_schedule(step: int, total_steps: int, start: float, end: float) -> float:
+    """A value annealed linearly from `start` at step 0 to `end` at the last step."""
     if total_steps <= 1:
         return end
     fraction = min(max(step / (total_steps - 1), 0.0), 1.0)

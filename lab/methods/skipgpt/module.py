@@ -26,7 +26,7 @@ from lab.methods.skipgpt.model import (
     MLP_ROUTER_INPUTS,
     ROUTER_TYPES,
     SkipGPT,
-    linear_temperature,
+    linear_schedule,
     overall_sparsity,
     perplexity,
     sparsity,
@@ -75,6 +75,8 @@ class SkipGPTModule(LightningModule):
         sparsity_unit: str = "module",
         temperature_start: float = 5.0,
         temperature_end: float = 1.0,
+        noise_scale_start: float = 1.0,
+        noise_scale_end: float = 1.0,
         eval_routing: str = "argmax",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -168,10 +170,13 @@ class SkipGPTModule(LightningModule):
             path,
         )
 
-    def temperature(self) -> float:
+    def temperature(self) -> tuple[float, float]:
+        """Gumbel-softmax temperature and noise scale at this step, both annealed linearly over the run."""
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 1
-        return linear_temperature(
-            self.global_step, total, self.hparams.temperature_start, self.hparams.temperature_end
+        hp = self.hparams
+        return (
+            linear_schedule(self.global_step, total, hp.temperature_start, hp.temperature_end),
+            linear_schedule(self.global_step, total, hp.noise_scale_start, hp.noise_scale_end),
         )
 
     def lm_loss(self, logits, input_ids, attention_mask):
@@ -183,8 +188,8 @@ class SkipGPTModule(LightningModule):
     def training_step(self, batch, batch_idx):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         stage1 = self.hparams.stage == 1
-        tau = self.temperature() if stage1 else 1.0
-        out = self.model(ids, mask, routing="gumbel" if stage1 else "argmax", temperature=tau)
+        tau, noise = self.temperature() if stage1 else (1.0, 0.0)
+        out = self.model(ids, mask, routing="gumbel" if stage1 else "argmax", temperature=tau, noise_scale=noise)
         lm_loss, _ = self.lm_loss(out.logits, ids, mask)
         valid = mask.bool()
         achieved = overall_sparsity(out, valid, self.hparams.sparsity_unit, self.attn_params, self.mlp_params)
@@ -192,6 +197,7 @@ class SkipGPTModule(LightningModule):
         if stage1:
             loss = lm_loss + self.hparams.alpha * (self.hparams.target_sparsity - achieved).abs()
             self.log("train/temperature", tau)
+            self.log("train/noise_scale", noise)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lm_loss", lm_loss)
         self.log("train/sparsity", achieved, prog_bar=True)
