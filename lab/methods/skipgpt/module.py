@@ -11,6 +11,7 @@ Checkpoints hold only router and LoRA weights; the base model is reloaded from `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -225,6 +226,12 @@ class SkipGPTModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def base_model_only(self):
+        """Context in which the model runs without LoRA adapters (the dense baseline)."""
+        if hasattr(self.model.lm, "disable_adapter"):
+            return self.model.lm.disable_adapter()
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def evaluate(self, dataloader, measure_speed: bool = True) -> dict:
         """Held-out perplexity with routing and dense, achieved sparsity per module type and per layer."""
@@ -239,7 +246,8 @@ class SkipGPTModule(LightningModule):
             ids = batch["input_ids"].to(self.device)
             mask = batch["attention_mask"].to(self.device)
             routed = self.model(ids, mask, routing=self.hparams.eval_routing, skip=True)
-            dense = self.model(ids, mask, routing="dense")
+            with self.base_model_only():
+                dense = self.model(ids, mask, routing="dense")
             routed_loss, n = self.lm_loss(routed.logits, ids, mask)
             dense_loss, _ = self.lm_loss(dense.logits, ids, mask)
             totals["routed_nll"] += float(routed_loss) * n
@@ -285,6 +293,7 @@ class SkipGPTModule(LightningModule):
                 times.append(time.perf_counter() - start)
             return min(times)
 
+        # NOTE: in stage 2 both sides run the LoRA adapters unmerged; merging them would speed up both equally.
         best_seconds("dense", False)  # warm-up
         dense = best_seconds("dense", False)
         routed = best_seconds(self.hparams.eval_routing, True)
