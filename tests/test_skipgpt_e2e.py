@@ -94,6 +94,7 @@ def test_pipeline_synthetic_when_data_missing(tmp_path):
     env = {**os.environ, "LAB_DATA_DIR": str(tmp_path / "absent")}
     result = subprocess.run(
         [sys.executable, "-m", "lab.methods.skipgpt.pipeline", "--stage1-steps=20", "--stage2-steps=5",
+         "--synthetic-pretrain-steps=40",
          f"--out={tmp_path / 'out'}", "data.max_val_tokens=4096", "trainer.val_check_interval=10"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -78,10 +79,13 @@ class SkipGPTModule(LightningModule):
         temperature_end: float = 1.0,
         noise_scale_start: float = 1.0,
         noise_scale_end: float = 1.0,
+        anneal_fraction: float = 1.0,
         eval_routing: str = "argmax",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.1,
         lora_r: int = 16,
         lora_alpha: int = 32,
         lora_dropout: float = 0.1,
@@ -99,6 +103,7 @@ class SkipGPTModule(LightningModule):
             ("kv_for_skipped", kv_for_skipped, KV_FOR_SKIPPED),
             ("sparsity_unit", sparsity_unit, ("module", "parameter")),
             ("eval_routing", eval_routing, ("argmax", "sample")),
+            ("lr_schedule", lr_schedule, ("cosine", "constant")),
         ]:
             if value not in allowed:
                 raise ConfigError(f"method.{key}={value!r} is not one of {', '.join(allowed)}.")
@@ -172,9 +177,11 @@ class SkipGPTModule(LightningModule):
         )
 
     def temperature(self) -> tuple[float, float]:
-        """Gumbel-softmax temperature and noise scale at this step, both annealed linearly over the run."""
-        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 1
+        """Gumbel-softmax temperature and noise scale at this step, annealed linearly over `anneal_fraction`
+        of the run and constant after it."""
         hp = self.hparams
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 1
+        total = max(1, round(total * hp.anneal_fraction))
         return (
             linear_schedule(self.global_step, total, hp.temperature_start, hp.temperature_end),
             linear_schedule(self.global_step, total, hp.noise_scale_start, hp.noise_scale_end),
@@ -218,10 +225,17 @@ class SkipGPTModule(LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup = self.hparams.warmup_steps
+        warmup, hp = self.hparams.warmup_steps, self.hparams
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 1
 
         def schedule(step: int) -> float:
-            return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            """Learning-rate factor: linear warm-up, then constant or cosine decay to min_lr_ratio."""
+            if step < warmup:
+                return (step + 1) / warmup
+            if hp.lr_schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage2-steps", type=int, default=200, help="stage-2 optimizer steps")
     parser.add_argument("--out", type=Path, default=None, help="pipeline directory (default logs/pipeline/TIMESTAMP)")
     parser.add_argument("--synthetic", action="store_true", help="use self-generated data even if real data exists")
+    parser.add_argument("--synthetic-pretrain-steps", type=int, default=200,
+                        help="optimizer steps that pretrain the self-generated model (synthetic data only)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to both stages")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         from lab.data.synthetic import make_synthetic_root
 
-        synthetic_root = make_synthetic_root(out / "synthetic_data")
+        synthetic_root = make_synthetic_root(out / "synthetic_data", pretrain_steps=args.synthetic_pretrain_steps)
         overrides = synthetic_overrides(synthetic_root) + overrides
     else:
         log.info("data root: %s", root)
