@@ -173,3 +173,22 @@ def test_wandb_offline_run_finishes(tmp_path):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb"))
+
+
+def test_multirun_jobs_get_own_dirs_and_wandb_runs(tmp_path):
+    result = run_lab("-m", "experiment=skipgpt_stage1", *TINY, "trainer.max_steps=2", "logger=wandb",
+                     "method.target_sparsity=0.25,0.4", f"paths.log_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = sorted(tmp_path.glob("skipgpt_stage1/multiruns/*/[0-9]"))
+    assert [job.name for job in jobs] == ["0", "1"]
+    assert [results(job)["metrics"]["target_sparsity"] for job in jobs] == [0.25, 0.4]
+    run_ids = [run.name.rsplit("-", 1)[-1] for job in jobs for run in (job / "wandb").glob("offline-run-*")]
+    assert len(run_ids) == 2
+    assert run_ids[0] != run_ids[1]
+
+
+def test_debug_fast_dev_run(tmp_path):
+    result = run_lab("experiment=skipgpt_stage1", "debug=fast_dev_run", *TINY, f"paths.log_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = tmp_path.glob("debug/runs/*")
+    assert results(run_dir)["global_step"] == 1

@@ -12,9 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lab.core.errors import ConfigError
 from lab.core.rundir import RunDir, git_state, write_json
 from lab.core.validate import validate_config
 
@@ -22,10 +24,24 @@ log = logging.getLogger("lab")
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """sha256 of the resolved config without paths, so the same experiment hashes the same anywhere."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("paths", None)
-    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(plain)).encode()).hexdigest()
+    """sha256 of the resolved config with its machine paths replaced by placeholders, so the same
+    experiment hashes the same in any run directory and on any machine."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    for key in ("output_dir", "log_dir", "data_dir"):
+        value = cfg.paths.get(key)
+        if value:
+            text = text.replace(str(value), f"<{key}>")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, re-raising our ConfigError as itself instead of wrapped by Hydra."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 def run_task(cfg: DictConfig) -> float | None:
@@ -56,12 +72,12 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: RunDir) -> dict:
     log.info("seed: %s, git commit: %s", cfg.get("seed"), git_state()["commit"])
 
     # Data first: missing or malformed files fail here, before any model is built.
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     log.info("data: %s", ", ".join(str(p) for p in [*datamodule.train_paths, datamodule.val_path]))
-    module = instantiate(cfg.method, _convert_="all")
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir.path))
+    module = build(cfg.method, _convert_="all")
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir.path))
 
     ckpt_path = run_dir.resolve_checkpoint(cfg.get("ckpt_path"))
     if ckpt_path:
