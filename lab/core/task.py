@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
-from pathlib import Path
+import warnings
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -67,6 +67,9 @@ def run_task(cfg: DictConfig) -> float | None:
 def _fit_and_evaluate(cfg: DictConfig, run_dir: RunDir) -> dict:
     from lightning.pytorch import seed_everything
 
+    # Frozen pretrained weights stay in eval mode on purpose (no dropout in the frozen part).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
     if cfg.get("seed") is not None:  # seed 0 is a seed
         seed_everything(cfg.seed, workers=True)
     log.info("seed: %s, git commit: %s", cfg.get("seed"), git_state()["commit"])
@@ -119,10 +122,3 @@ def _finish_wandb(failed: bool) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=1 if failed else 0)
-
-
-def results_of(run_dir: str | Path) -> dict:
-    """The results.json of a finished run."""
-    import json
-
-    return json.loads((Path(run_dir) / "results.json").read_text())

@@ -1,8 +1,8 @@
 """A self-generated stand-in for the data root, used by `make run` only when the real data is absent.
 
-It writes template stories (train and validation drawn from the same grammar with different seeds), a
+It writes template stories (train and validation from the same grammar with different seeds), a
 character-level tokenizer, and a small Llama model pretrained on the training stories for a few hundred
-steps, all in Hugging Face formats, so the pipeline loads them with the same calls as the real model.
+steps. All are in Hugging Face formats, so the pipeline loads them with the same calls as the real model.
 Results on it say only that the pipeline runs; they are labelled `"data": "synthetic"`.
 """
 
@@ -44,7 +44,7 @@ def write_stories(path: Path, n: int, seed: int) -> None:
 
 
 def build_tokenizer(texts: list[str]):
-    """A character-level tokenizer with <unk>=0, <s>=1, </s>=2, as a PreTrainedTokenizerFast."""
+    """Build a character-level PreTrainedTokenizerFast with <unk>=0, <s>=1, </s>=2."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

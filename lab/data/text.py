@@ -24,7 +24,7 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 def data_root(path: str | None) -> Path:
-    """The data root directory, checked; `path` comes from `paths.data_dir` (default: $LAB_DATA_DIR)."""
+    """Check and return the data root; `path` comes from `paths.data_dir` (default: $LAB_DATA_DIR)."""
     if not path:
         raise ConfigError(
             "the data root is not set: export LAB_DATA_DIR=/path/to/data (laid out as the README describes) "
@@ -136,7 +136,7 @@ class TextDataModule(LightningDataModule):
         self.val_text = read_text(self.val_path)
         for path, text in [*zip(self.train_paths, self.train_texts), (self.val_path, self.val_text)]:
             if not split_documents(text):
-                raise ConfigError(f"text file {path} holds no text once split into documents.")
+                raise ConfigError(f"text file {path} contains no text once split into documents.")
         self.tokenizer_path = tokenizer
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -166,6 +166,7 @@ class TextDataModule(LightningDataModule):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        tokenizer.model_max_length = 1 << 62  # whole documents are tokenized, then cut into seq_len blocks
         train_docs = [doc for text in self.train_texts for doc in split_documents(text)]
         self.train_blocks = tokenize_blocks(tokenizer, train_docs, self.seq_len, self.max_train_tokens)
         self.val_blocks = tokenize_blocks(tokenizer, split_documents(self.val_text), self.seq_len, self.max_val_tokens)

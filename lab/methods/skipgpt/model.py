@@ -341,7 +341,7 @@ def overall_sparsity(out: RoutedOutput, valid: torch.Tensor, unit: str, attn_par
 
 
 def linear_schedule(step: int, total_steps: int, start: float, end: float) -> float:
-    """A value annealed linearly from `start` at step 0 to `end` at the last step."""
+    """Interpolate linearly from `start` at step 0 to `end` at the last step."""
     if total_steps <= 1:
         return end
     fraction = min(max(step / (total_steps - 1), 0.0), 1.0)

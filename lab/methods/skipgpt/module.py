@@ -41,7 +41,7 @@ ROUTERS_FILE = "routers.pt"
 
 
 def find_stage1_run(stage1_run: str | None, search_dir: str) -> Path:
-    """The stage-1 run directory to start from: the named one, or the newest finished one in search_dir."""
+    """Find the stage-1 run directory to start from: the named one, or the newest finished one in search_dir."""
     if stage1_run:
         run = Path(stage1_run).expanduser()
         if not (run / ROUTERS_FILE).is_file():

@@ -29,7 +29,7 @@ REAL_FILES = ("models/stories260K-hf/config.json", "text/tinystories/tinystories
 
 
 def real_data_root() -> Path | None:
-    """The data root from LAB_DATA_DIR if it holds the files the default experiment reads, else None."""
+    """Return the data root from LAB_DATA_DIR if it contains the files the default experiment reads, else None."""
     root = os.environ.get("LAB_DATA_DIR")
     if not root:
         return None
