@@ -29,7 +29,7 @@ def pipeline(tmp_path_factory):
     env = {**os.environ, "LAB_DATA_DIR": str(DATA_DIR)}
     result = subprocess.run(
         [sys.executable, "-m", "lab.methods.skipgpt.pipeline", f"--stage1-steps={STAGE1_STEPS}", "--stage2-steps=30",
-         f"--out={out}", "data.max_val_tokens=32768"],
+         f"--out={out}", "data.batch_size=8", "data.seq_len=128", "data.max_val_tokens=32768"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]

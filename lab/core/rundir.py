@@ -36,8 +36,16 @@ def git_state(root: Path = PROJECT_ROOT) -> dict:
     return {"commit": commit, "dirty": bool(diff), "diff": diff}
 
 
+def is_rank_zero() -> bool:
+    """True in the process that owns the run directory: rank 0, or the only process."""
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
 class RunDir:
-    """One job's output directory and the rules for reusing it."""
+    """One job's output directory and the rules for reusing it.
+
+    Only rank 0 writes the status and provenance files; other ranks of a multi-process run share the directory.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -58,6 +66,8 @@ class RunDir:
                 "start a new run directory instead of writing into it."
             )
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if not is_rank_zero():
+            return
         git = git_state()
         provenance = {
             "command": [sys.executable, *sys.argv],
@@ -76,6 +86,8 @@ class RunDir:
         self._write_status("running")
 
     def finish(self, ok: bool, error: BaseException | None = None) -> None:
+        if not is_rank_zero():
+            return
         extra = {}
         if error is not None:
             extra["error"] = "".join(traceback.format_exception(error)).strip()
