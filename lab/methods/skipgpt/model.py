@@ -24,7 +24,7 @@ Router logits are ordered (execute, skip), as in the official code.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -84,28 +84,49 @@ def execute_gate(logits: torch.Tensor, routing: str, temperature: float, noise_s
     raise ValueError(f"routing {routing!r} is not one of {ROUTINGS}")
 
 
-@dataclass
 class KVCache:
-    """Keys and values per layer, (batch, kv_heads, positions, head_dim), plus which keys may be attended."""
+    """Keys and values per layer, (batch, kv_heads, positions, head_dim), plus which keys may be attended.
 
-    keys: list = field(default_factory=list)
-    values: list = field(default_factory=list)
-    key_mask: list = field(default_factory=list)  # (batch, positions) bool per layer
+    Storage grows by doubling, so appending one decoded token copies nothing in the common case.
+    """
+
+    def __init__(self):
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._key_mask: list[torch.Tensor] = []  # (batch, positions) bool
+        self._lengths: list[int] = []
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+        return self._lengths[0] if self._lengths else 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
-        if layer == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-            self.key_mask.append(mask)
+        """Add new positions to one layer; return that layer's keys, values and key mask so far."""
+        if layer == len(self._keys):
+            self._keys.append(k)
+            self._values.append(v)
+            self._key_mask.append(mask)
+            self._lengths.append(k.shape[2])
         else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-            self.key_mask[layer] = torch.cat([self.key_mask[layer], mask], dim=1)
-        return self.keys[layer], self.values[layer], self.key_mask[layer]
+            start, end = self._lengths[layer], self._lengths[layer] + k.shape[2]
+            if end > self._keys[layer].shape[2]:
+                self._grow(layer, max(end, 2 * self._keys[layer].shape[2]))
+            self._keys[layer][:, :, start:end] = k
+            self._values[layer][:, :, start:end] = v
+            self._key_mask[layer][:, start:end] = mask
+            self._lengths[layer] = end
+        n = self._lengths[layer]
+        return self._keys[layer][:, :, :n], self._values[layer][:, :, :n], self._key_mask[layer][:, :n]
+
+    def _grow(self, layer: int, capacity: int) -> None:
+        def grown(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = capacity - shape[dim]
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        self._keys[layer] = grown(self._keys[layer], 2)
+        self._values[layer] = grown(self._values[layer], 2)
+        self._key_mask[layer] = grown(self._key_mask[layer], 1)
 
 
 @dataclass
