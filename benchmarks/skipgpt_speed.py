@@ -84,12 +84,8 @@ def bench_model(name, model: SkipGPT, device, batch, prompt, decode_steps, repea
     rows = []
     for s in SPARSITIES:
         prefill_gates = tuple(g.to(device) for g in exact_routes(layers, batch, prompt, s, generator))
-        step_gates = [
-            tuple(g.to(device) for g in exact_routes(layers, batch, 1, s, generator)) for _ in range(decode_steps)
-        ]
-        # Decoding: per step, one token per row; a share s of steps skips each module (exact over the run).
-        if batch == 1:
-            step_gates = _spread_decode_routes(layers, decode_steps, s, generator, device)
+        # Decoding: in every row and layer, exactly round(s * decode_steps) of the steps skip each module type.
+        step_gates = _spread_decode_routes(layers, batch, decode_steps, s, generator, device)
 
         dense_prefill = timed(lambda: model(ids, routing="dense"), repeats, device)
         routed_prefill = timed(lambda: model(ids, gates=prefill_gates, skip=True), repeats, device)
@@ -125,9 +121,9 @@ def bench_model(name, model: SkipGPT, device, batch, prompt, decode_steps, repea
     return rows
 
 
-def _spread_decode_routes(layers, steps, s, generator, device):
-    """Per-step gates for batch 1: in each layer, exactly round(s * steps) steps skip each module type."""
-    attn, mlp = exact_routes(layers, 1, steps, s, generator)
+def _spread_decode_routes(layers, batch, steps, s, generator, device):
+    """Per-step gates, one token per row, drawn so that each row skips exactly round(s * steps) steps."""
+    attn, mlp = exact_routes(layers, batch, steps, s, generator)
     return [(attn[:, :, t : t + 1].to(device), mlp[:, :, t : t + 1].to(device)) for t in range(steps)]
 
 

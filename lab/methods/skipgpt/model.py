@@ -246,9 +246,9 @@ class SkipGPT(nn.Module):
         return execute_gate(router(hidden), routing, temperature, noise_scale)
 
     def _mlp(self, layer, x, gate, valid, skip: bool) -> torch.Tensor:
-        if not skip:
-            return x + gate.unsqueeze(-1).to(x.dtype) * layer.mlp(layer.post_attention_layernorm(x))
         active = (gate > 0) & valid
+        if not skip or bool(active.all()):  # nothing to skip: the plain path saves the gather and scatter
+            return x + gate.unsqueeze(-1).to(x.dtype) * layer.mlp(layer.post_attention_layernorm(x))
         flat = x.reshape(-1, x.shape[-1])
         rows = active.reshape(-1).nonzero().squeeze(-1)
         if rows.numel() == 0:
@@ -261,6 +261,8 @@ class SkipGPT(nn.Module):
         batch, tokens, _ = x.shape
         h = layer.input_layernorm(x)
         executed = gate.detach() > 0
+        if skip and bool((executed & valid).all()):
+            skip = False  # nothing to skip: the plain path saves the gather and scatter
         # Keys a later query may attend to: real tokens, minus skipped ones when their keys are dropped.
         key_mask = valid & executed if self.kv_for_skipped == "drop" else valid
 
