@@ -89,8 +89,8 @@ def summary_table(stage1: dict, stage2: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage1-steps", type=int, default=300, help="stage-1 optimizer steps")
-    parser.add_argument("--stage2-steps", type=int, default=200, help="stage-2 optimizer steps")
+    parser.add_argument("--stage1-steps", type=int, default=None, help="stage-1 optimizer steps (default: the experiment's)")
+    parser.add_argument("--stage2-steps", type=int, default=None, help="stage-2 optimizer steps (default: the experiment's)")
     parser.add_argument("--out", type=Path, default=None, help="pipeline directory (default logs/pipeline/TIMESTAMP)")
     parser.add_argument("--synthetic", action="store_true", help="use self-generated data even if real data exists")
     parser.add_argument("--synthetic-pretrain-steps", type=int, default=200,
@@ -118,8 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         log.info("data root: %s", root)
 
-    stage1 = run_stage("skipgpt_stage1", out / "stage1", [f"trainer.max_steps={args.stage1_steps}", "eval.measure_speed=false", *overrides])
-    stage2 = run_stage("skipgpt_stage2", out / "stage2", [f"trainer.max_steps={args.stage2_steps}", f"stage1_run={out / 'stage1'}", *overrides])
+    steps1 = [f"trainer.max_steps={args.stage1_steps}"] if args.stage1_steps else []
+    steps2 = [f"trainer.max_steps={args.stage2_steps}"] if args.stage2_steps else []
+    stage1 = run_stage("skipgpt_stage1", out / "stage1", [*steps1, "eval.measure_speed=false", *overrides])
+    stage2 = run_stage("skipgpt_stage2", out / "stage2", [*steps2, f"stage1_run={out / 'stage1'}", *overrides])
 
     table = summary_table(stage1, stage2)
     write_json(out / "summary.json", {"stage1": stage1, "stage2": stage2})
