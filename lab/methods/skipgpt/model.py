@@ -215,6 +215,8 @@ class SkipGPT(nn.Module):
             if attention_mask is None
             else attention_mask.bool()
         )
+        # NOTE: positions count from the first column, which suits right padding only; left-padded batches
+        # would need per-row position ids.
         positions = torch.arange(past, past + tokens, device=input_ids.device).expand(batch, tokens)
 
         x = decoder.embed_tokens(input_ids)
