@@ -148,7 +148,7 @@ def test_finished_run_dir_is_rejected(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     again = tiny_run(tmp_path / "run", "trainer.max_steps=2")
     assert again.returncode == 2
-    assert "holds a finished run" in again.stderr
+    assert "contains a finished run" in again.stderr
 
 
 def test_bad_data_file_fails_before_model(tmp_path):

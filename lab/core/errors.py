@@ -4,5 +4,5 @@
 class ConfigError(ValueError):
     """Invalid user input: a config key, a path or a data file.
 
-    The message names the key or path and says what to do, so run.py prints it without a traceback.
+    The message names the key or path and what to do, so run.py prints it without a traceback.
     """

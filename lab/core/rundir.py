@@ -1,8 +1,8 @@
 """Run directories: provenance on start, a status marker, and resume from `checkpoints/last.ckpt`.
 
-A run directory is the Hydra output directory of one job. It holds the composed config (`.hydra/`), the
-command and git state (`provenance.json`), `checkpoints/last.ckpt`, the logs, `results.json` and
-`status.json`. Rerunning into a directory that has `last.ckpt` resumes from it; a directory whose run
+A run directory is the Hydra output directory of one job. It contains the composed config (`.hydra/`),
+the command and git state of every start (`provenance.N.json`), `checkpoints/last.ckpt`, the logs,
+`results.json` and `status.json`. Rerunning into a directory that has `last.ckpt` resumes from it; a directory whose run
 finished is rejected, because writing into it would mix two runs.
 """
 
@@ -62,7 +62,7 @@ class RunDir:
         """Mark the run as running and save the command and git state; reject a finished run."""
         if self.status() == "finished":
             raise ConfigError(
-                f"run directory {self.path} holds a finished run (see its results.json); "
+                f"run directory {self.path} contains a finished run (see its results.json); "
                 "start a new run directory instead of writing into it."
             )
         self.checkpoints.mkdir(parents=True, exist_ok=True)
