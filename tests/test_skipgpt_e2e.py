@@ -192,3 +192,9 @@ def test_debug_fast_dev_run(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = tmp_path.glob("debug/runs/*")
     assert results(run_dir)["global_step"] == 1
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    result = tiny_run(tmp_path / "run", "trainer.max_steps=3", "logger=tensorboard")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
