@@ -83,7 +83,7 @@ def test_checkpoints_load_weights_only(pipeline):
 
 def test_run_dir_holds_config_and_command(pipeline):
     run_dir = pipeline[0] / "stage1"
-    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert len(list(run_dir.glob(".hydra/*/config.yaml"))) == 1
     provenance = json.loads((run_dir / "provenance.0.json").read_text())
     assert "experiment=skipgpt_stage1" in provenance["command"]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
@@ -139,16 +139,22 @@ def test_resume_after_crash_continues_step_count(tmp_path):
     assert "resuming from" in result.stderr + (run_dir / "run.log").read_text()
     assert results(run_dir)["global_step"] == 60
     steps = [int(row["step"]) for row in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if row.get("train/loss")]
+    assert min(steps) < crashed_at  # rows from before the crash are kept
     assert max(steps) == 59
+    assert len(steps) == len(set(steps))  # and no step is logged twice
     assert len(list(run_dir.glob("provenance.*.json"))) == 2
+    assert len(list(run_dir.glob(".hydra/*/config.yaml"))) == 2
 
 
 def test_finished_run_dir_is_rejected(tmp_path):
     first = tiny_run(tmp_path / "run", "trainer.max_steps=2")
     assert first.returncode == 0, first.stderr[-2000:]
-    again = tiny_run(tmp_path / "run", "trainer.max_steps=2")
+    (first_config,) = (tmp_path / "run").glob(".hydra/*/config.yaml")
+    saved = first_config.read_text()
+    again = tiny_run(tmp_path / "run", "trainer.max_steps=2", "method.target_sparsity=0.5")
     assert again.returncode == 2
     assert "contains a finished run" in again.stderr
+    assert first_config.read_text() == saved
 
 
 def test_bad_data_file_fails_before_model(tmp_path):
@@ -198,3 +204,22 @@ def test_tensorboard_logger_writes_events(tmp_path):
     result = tiny_run(tmp_path / "run", "trainer.max_steps=3", "logger=tensorboard")
     assert result.returncode == 0, result.stderr[-2000:]
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_ctrl_c_marks_run_interrupted(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "LAB_DATA_DIR": str(DATA_DIR)}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "experiment=skipgpt_stage1", f"hydra.run.dir={run_dir}", *TINY,
+         "trainer.max_steps=500", "callbacks.model_checkpoint.every_n_train_steps=5"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    assert "Detected KeyboardInterrupt" in stderr
+    assert f"rerun with hydra.run.dir={run_dir} to resume" in (run_dir / "run.log").read_text()

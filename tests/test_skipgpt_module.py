@@ -110,3 +110,16 @@ def test_checkpoint_keeps_only_trained_weights(stage1):
 def test_hyperparameters_are_plain(stage1):
     allowed = (int, float, str, bool, type(None), list)
     assert all(isinstance(v, allowed) for v in stage1.hparams.values())
+
+
+def test_model_path_relative_to_data_root_message(data_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("LAB_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"write model.name_or_path=\$\{paths.data_dir\}/models/stories260K-hf"):
+        SkipGPTModule("models/stories260K-hf")
+
+
+def test_unloadable_model_message(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=f"could not load model '{tmp_path}'"):
+        SkipGPTModule(str(tmp_path))

@@ -85,13 +85,14 @@ class RunDir:
             (self.path / f"git.{attempt}.diff").write_text(git["diff"])
         self._write_status("running")
 
-    def finish(self, ok: bool, error: BaseException | None = None) -> None:
+    def finish(self, ok: bool, error: BaseException | None = None, status: str = "failed") -> None:
+        """Record the end of the run: `finished`, or `status` (failed, interrupted) with the traceback."""
         if not is_rank_zero():
             return
         extra = {}
         if error is not None:
             extra["error"] = "".join(traceback.format_exception(error)).strip()
-        self._write_status("finished" if ok else "failed", **extra)
+        self._write_status("finished" if ok else status, **extra)
 
     def _write_status(self, status: str, **extra) -> None:
         record = {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}

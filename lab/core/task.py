@@ -55,6 +55,11 @@ def run_task(cfg: DictConfig) -> float | None:
         metrics = _fit_and_evaluate(cfg, run_dir)
         ok = True
         return metrics.get("loss")
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Lightning turns Ctrl-C into SystemExit(1) after it has stopped training.
+        run_dir.finish(False, err, status="interrupted")
+        log.error("interrupted; rerun with hydra.run.dir=%s to resume from checkpoints/last.ckpt", run_dir.path)
+        raise
     except BaseException as err:
         run_dir.finish(False, err)
         raise
@@ -84,10 +89,16 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: RunDir) -> dict:
 
     ckpt_path = run_dir.resolve_checkpoint(cfg.get("ckpt_path"))
     if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
+        import torch
+
+        from lab.core.loggers import drop_rows_from_step
+
+        resumed_step = torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"]
+        log.info("resuming from %s at step %d", ckpt_path, resumed_step)
+        drop_rows_from_step(run_dir.path, resumed_step)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.interrupted:
-        raise KeyboardInterrupt("training was interrupted; rerun in the same run directory to resume")
+        raise KeyboardInterrupt("training was interrupted")
     trainer.save_checkpoint(run_dir.last_checkpoint)
 
     metrics = {}
@@ -111,6 +122,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: RunDir) -> dict:
             "global_step": trainer.global_step,
             "run_dir": str(run_dir.path),
             "task_name": cfg.task_name,
+            "hparams": dict(module.hparams),
         }
         write_json(run_dir.path / "results.json", results)
         log.info("results: %s", run_dir.path / "results.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from lab.core.errors import ConfigError
@@ -20,6 +21,13 @@ def check_model_path(name_or_path: str) -> None:
     """
     looks_local = name_or_path.startswith(("/", ".", "~"))
     path = Path(name_or_path).expanduser()
+    data_dir = os.environ.get("LAB_DATA_DIR")
+    if not looks_local and not path.is_dir() and data_dir and (Path(data_dir) / name_or_path).is_dir():
+        raise ConfigError(
+            f"model.name_or_path={name_or_path} is not a directory here, but {Path(data_dir) / name_or_path} is; "
+            "paths are relative to the working directory, so write model.name_or_path=${paths.data_dir}/"
+            f"{name_or_path} or the full path."
+        )
     if looks_local and not path.is_dir():
         raise ConfigError(
             f"model directory {path} does not exist; set model.name_or_path to a Hugging Face model "
@@ -37,7 +45,14 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32"):
     check_model_path(name_or_path)
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as err:  # missing files, no hub access, unknown model_type
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"could not load model {name_or_path!r}: {reason} Give a local Hugging Face model directory "
+            "(absolute, or starting with './'), or a hub id on a machine that can reach the hub."
+        ) from None
     layer = model.model.layers[0]
     for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
         if not hasattr(layer, name):

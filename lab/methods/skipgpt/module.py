@@ -120,7 +120,7 @@ class SkipGPTModule(LightningModule):
                         f"method.{key}={value!r} differs from the stage-1 run {run} ({routers_record[key]!r}); "
                         f"set method.{key}={routers_record[key]} or pick another stage1_run."
                     )
-            stage1_run = str(run)
+            stage1_run = str(run.resolve())
         self.save_hyperparameters(ignore=["stage1_search_dir"])
         self.hparams["stage1_run"] = stage1_run
         self.hparams["lora_target_modules"] = list(lora_target_modules)
