@@ -7,8 +7,8 @@ Llama (8 layers, d=512) where compute dominates. Routes are fixed, not learned: 
 share s of the tokens skips attention and an independent share s skips the MLP, so the work skipped is
 known. The ideal ratio is 1 / (1 - skipped FLOPs / total FLOPs), counting matrix multiplications and
 attention scores; a skipped attention still computes its token's keys and values (kv_for_skipped=keep).
-Batched decoding on a CPU is bound by reading the weights, not by FLOPs: a module is skipped for a step only
-if every row skips it, so the batch-4 decode rows show how far below the FLOP ideal that leaves it.
+Batched decoding on a CPU is bound by reading the weights, not by FLOPs. A module's weights are read unless
+every row skips it, so the batch-4 decode rows show how far below the FLOP ideal that leaves it.
 """
 
 from __future__ import annotations

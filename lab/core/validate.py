@@ -45,9 +45,9 @@ def validate_config(cfg: DictConfig) -> None:
         if signature is None:
             log.debug("could not read the signature of %s; skipped", target)
             continue
-        given = [k for k in node.keys() if k not in _HYDRA_KEYS]
+        arguments = [k for k in node.keys() if k not in _HYDRA_KEYS]
         if not signature.var_keyword:
-            for key in given:
+            for key in arguments:
                 if key not in signature.names:
                     hint = _closest(key, signature.names)
                     raise ConfigError(
@@ -56,7 +56,7 @@ def validate_config(cfg: DictConfig) -> None:
                         + f" Its arguments are: {', '.join(signature.names)}."
                     )
         if not node.get("_partial_", False):
-            missing = [name for name in signature.required if name not in given]
+            missing = [name for name in signature.required if name not in arguments]
             if missing:
                 raise ConfigError(
                     f"config node '{key_path or '<root>'}' ({target}) lacks required argument(s) "

@@ -3,7 +3,7 @@
 It writes template stories (train and validation from the same grammar with different seeds), a
 character-level tokenizer, and a small Llama model pretrained on the training stories for a few hundred
 steps. All are in Hugging Face formats, so the pipeline loads them with the same calls as the real model.
-Results on it say only that the pipeline runs; they are labelled `"data": "synthetic"`.
+Results on it show only that the pipeline runs; they are labelled `"data": "synthetic"`.
 """
 
 from __future__ import annotations

@@ -83,8 +83,8 @@ def tokenize_blocks(tokenizer, documents: list[str], seq_len: int, max_tokens: i
 
 
 class StepSampler(Sampler[int]):
-    """Endless shuffled indices whose order depends only on (seed, position), so a resumed run sees the
-    same batches it would have seen without the interruption. Each rank takes every world_size-th index.
+    """Endless shuffled indices whose order depends only on (seed, position), so a resumed run gets the
+    same batches it would have got without the interruption. Each rank takes every world_size-th index.
     """
 
     def __init__(self, n: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):

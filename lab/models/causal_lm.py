@@ -67,7 +67,7 @@ def build_llama(
     vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int | None = None,
     intermediate_size: int | None = None, max_position_embeddings: int = 2048, seed: int = 0,
 ):
-    """A randomly initialised LlamaForCausalLM from sizes, for benchmarks and self-generated data."""
+    """Build a randomly initialised LlamaForCausalLM from sizes, for benchmarks and self-generated data."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -14,9 +14,9 @@ layout) and runs its weights through the forward pass below, so every module it 
 - gated (`skip=False`): every module runs on every token and its output is multiplied by the gate. This is
   what training needs, because the router gradient flows through the product.
 - skipped (`skip=True`, inference): a module runs only on the tokens routed to it (gather, compute,
-  scatter), so skipped tokens cost nothing there. For a skipped attention the token's keys and values are
-  still computed and cached by default (`kv_for_skipped="keep"`) so later tokens can attend to it;
-  `kv_for_skipped="drop"` leaves them out, and then they are not computed either.
+  scatter), so skipped tokens cost nothing there. By default (`kv_for_skipped="keep"`) a token that skips
+  attention still has its keys and values computed and cached, so later tokens can attend to it. With
+  `kv_for_skipped="drop"` they are neither computed nor attended to.
 
 Router logits are ordered (execute, skip), as in the official code.
 """
@@ -326,8 +326,8 @@ class SkipGPT(nn.Module):
         """Causal attention of queries at absolute `query_positions` (B, Tq) over all cached keys."""
         allowed = key_positions.view(1, 1, -1) <= query_positions.unsqueeze(-1)  # (B, Tq, Tk)
         allowed = allowed & key_mask.unsqueeze(1)
-        # A query always sees its own key: it keeps rows that drop or padding would empty from giving NaN,
-        # and changes nothing for an executed real token, whose own key is always kept.
+        # Every query may attend to its own key. This keeps rows that drop or padding would empty from
+        # giving NaN, and changes nothing for an executed real token, whose own key is always kept.
         allowed = allowed | (key_positions.view(1, 1, -1) == query_positions.unsqueeze(-1))
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:

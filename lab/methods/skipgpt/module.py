@@ -248,9 +248,10 @@ class SkipGPTModule(LightningModule):
 
     @torch.no_grad()
     def evaluate(self, dataloader, measure_speed: bool = True) -> dict:
-        """Held-out perplexity with routing and dense, achieved sparsity per module type and per layer."""
+        """Measure held-out perplexity, routed and dense, and achieved sparsity per module type and layer."""
         was_training = self.training
         self.eval()
+
         totals = {"routed_nll": 0.0, "dense_nll": 0.0, "tokens": 0}
         n_layers = len(self.model.layers)
         executed_attn = torch.zeros(n_layers, dtype=torch.float64)
@@ -271,11 +272,13 @@ class SkipGPTModule(LightningModule):
             executed_attn += (routed.attn_gates * valid).sum(dim=(1, 2)).double().cpu()
             executed_mlp += (routed.mlp_gates * valid).sum(dim=(1, 2)).double().cpu()
             real_tokens += int(mask.sum())
+
         skipped_attn = (1 - executed_attn / real_tokens).tolist()
         skipped_mlp = (1 - executed_mlp / real_tokens).tolist()
         s_attn = sum(skipped_attn) / n_layers
         s_mlp = sum(skipped_mlp) / n_layers
         p_attn, p_mlp = self.attn_params, self.mlp_params
+
         metrics = {
             "ppl": perplexity(totals["routed_nll"] / totals["tokens"]),
             "dense_ppl": perplexity(totals["dense_nll"] / totals["tokens"]),
@@ -290,6 +293,7 @@ class SkipGPTModule(LightningModule):
             "sparsity_attn_per_layer": skipped_attn,
             "sparsity_mlp_per_layer": skipped_mlp,
         }
+
         if measure_speed:
             metrics.update(self.measure_speed(next(iter(dataloader))["input_ids"].to(self.device)))
         self.train(was_training)

@@ -6,8 +6,8 @@ Each stage is an ordinary `python run.py experiment=...` job in its own run dire
 results.json, checkpoints and logs are what a user running the stages by hand gets. The dense baseline is
 evaluated on the same held-out text inside each stage's evaluation.
 
-When the data root (LAB_DATA_DIR) lacks the model or the TinyStories files, the pipeline says so loudly and
-runs on self-generated data instead (lab.data.synthetic); its results are labelled synthetic.
+When the data root (LAB_DATA_DIR) lacks the model or the TinyStories files, the pipeline prints a loud warning
+and runs on self-generated data instead (lab.data.synthetic); its results are labelled synthetic.
 """
 
 from __future__ import annotations
