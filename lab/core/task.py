@@ -2,7 +2,9 @@
 
 A method plugs in through its LightningModule, which may provide:
 - `evaluate(dataloader, measure_speed) -> dict`: final held-out metrics for results.json;
-- `save_artifacts(run_dir)`: files a later stage reads (SkipGPT stage 1 writes its routers).
+- `save_artifacts(run_dir)`: files a later stage reads (SkipGPT stage 1 writes its routers);
+- `results_record() -> dict`: extra top-level entries for results.json (the scaling-law module stores its
+  parameter counts and training setup there).
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: RunDir) -> dict:
             "task_name": cfg.task_name,
             "hparams": dict(module.hparams),
         }
+        if hasattr(module, "results_record"):
+            results.update(module.results_record())
         write_json(run_dir.path / "results.json", results)
         log.info("results: %s", run_dir.path / "results.json")
     return metrics
