@@ -174,7 +174,7 @@ def test_missing_data_root_fails_clearly(tmp_path):
 
 
 def test_wandb_offline_run_finishes(tmp_path):
-    result = tiny_run(tmp_path / "run", "trainer.max_steps=3", "logger=wandb", "logger.wandb.offline=true")
+    result = tiny_run(tmp_path / "run", "trainer.max_steps=3", "logger=wandb", "logger.wandb.mode=offline")
     assert result.returncode == 0, result.stderr[-2000:]
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

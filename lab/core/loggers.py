@@ -1,4 +1,4 @@
-"""A CSV logger that survives a resume: Lightning's deletes metrics.csv when its directory is reused."""
+"""Loggers: a CSV logger that survives a resume, and a W&B logger whose mode does not leak between jobs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
@@ -43,3 +44,15 @@ def drop_rows_from_step(run_dir: Path, step: int) -> None:
             writer = csv.DictWriter(file, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger, with the W&B mode given to `wandb.init` for this run only.
+
+    Lightning's `offline=True` sets os.environ["WANDB_MODE"] for the whole process (lightning 2.6), so in a
+    multirun every later job inherited it whatever its own config said. Here `mode` (online, offline, disabled;
+    None follows WANDB_MODE) applies to this run alone, and `offline=True` means mode="offline".
+    """
+
+    def __init__(self, mode: str | None = None, offline: bool = False, **kwargs):
+        super().__init__(offline=False, mode="offline" if offline else mode, **kwargs)

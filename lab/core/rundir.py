@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -96,9 +97,22 @@ class RunDir:
 
     def _write_status(self, status: str, **extra) -> None:
         record = {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+        self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.status_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(self.status_file)
+
+    def wandb_run_id(self) -> str:
+        """The W&B run id of this run directory, created on first use, so a resumed or requeued run
+        continues the same W&B run instead of starting a new one."""
+        path = self.path / "wandb_run_id"
+        if path.exists():
+            return path.read_text().strip()
+        run_id = secrets.token_hex(4)
+        if is_rank_zero():
+            self.path.mkdir(parents=True, exist_ok=True)
+            path.write_text(run_id + "\n")
+        return run_id
 
     def resolve_checkpoint(self, ckpt_path: str | None) -> str | None:
         """Checkpoint to resume from: `None` resumes from last.ckpt when present, `last` requires it."""

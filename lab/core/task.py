@@ -19,7 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lab.core.errors import ConfigError
-from lab.core.rundir import RunDir, git_state, write_json
+from lab.core.distributed import start_workers
+from lab.core.rundir import RunDir, git_state, is_rank_zero, write_json
 from lab.core.validate import validate_config
 
 log = logging.getLogger("lab")
@@ -46,15 +47,32 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
+def logger_kwargs(node: DictConfig, run_dir: RunDir) -> dict:
+    """Per-run arguments of a logger: the W&B run id kept in the run directory, so a resume continues it."""
+    if str(node.get("_target_", "")).endswith("WandbLogger") and node.get("id") is None:
+        return {"id": run_dir.wandb_run_id()}
+    return {}
+
+
 def run_task(cfg: DictConfig) -> float | None:
     """Run one job in its run directory; return the value sweeps optimise (held-out loss), if any."""
-    validate_config(cfg)
     run_dir = RunDir(cfg.paths.output_dir)
-    run_dir.start()
+    try:
+        validate_config(cfg)
+        run_dir.start()
+    except BaseException as err:
+        if run_dir.status() != "finished":  # never overwrite the record of a finished run
+            run_dir.finish(False, err)
+        raise
     log.info("run directory: %s", run_dir.path)
+    workers = None  # DDP ranks 1..N-1 when this process starts them itself
     ok = False
     try:
+        workers = start_workers(cfg, run_dir.path)
         metrics = _fit_and_evaluate(cfg, run_dir)
+        if workers is not None:
+            workers.join(ok=True)
+            workers = None
         ok = True
         return metrics.get("loss")
     except (KeyboardInterrupt, SystemExit) as err:
@@ -66,6 +84,8 @@ def run_task(cfg: DictConfig) -> float | None:
         run_dir.finish(False, err)
         raise
     finally:
+        if workers is not None:
+            workers.join(ok=False)
         if ok:
             run_dir.finish(True)
         _finish_wandb(failed=not ok)
@@ -86,7 +106,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: RunDir) -> dict:
     log.info("data: %s", ", ".join(str(p) for p in [*datamodule.train_paths, datamodule.val_path]))
     module = build(cfg.method, _convert_="all")
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [build(c, **logger_kwargs(c, run_dir)) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir.path))
 
     ckpt_path = run_dir.resolve_checkpoint(cfg.get("ckpt_path"))
@@ -97,7 +117,8 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: RunDir) -> dict:
 
         resumed_step = torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"]
         log.info("resuming from %s at step %d", ckpt_path, resumed_step)
-        drop_rows_from_step(run_dir.path, resumed_step)
+        if is_rank_zero():
+            drop_rows_from_step(run_dir.path, resumed_step)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.interrupted:
         raise KeyboardInterrupt("training was interrupted")
