@@ -1,6 +1,5 @@
-"""Submitit launchers that check each job before submitting it and pin the sweep directory.
-
-They are the hydra-submitit-launcher plugin's launchers with two additions:
+"""Checks and helpers for lab's submitit launchers (hydra_plugins/lab_launcher), which are the
+hydra-submitit-launcher plugin's launchers with two additions:
 - every job's composed config is checked against the launcher's geometry (tasks per node against
   `trainer.devices`, nodes against `trainer.num_nodes`), so a mismatch fails on the login node in a second
   instead of hanging on the cluster;
@@ -11,17 +10,9 @@ They are the hydra-submitit-launcher plugin's launchers with two additions:
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Sequence
-
-from hydra.core.utils import JobReturn
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from lab.core.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 def check_geometry(cfg: DictConfig, params: dict, cluster: str, job: str = "") -> None:
@@ -69,34 +60,3 @@ def check_geometry(cfg: DictConfig, params: dict, cluster: str, job: str = "") -
             f"hydra.launcher.gpus_per_node={gpus} is fewer than trainer.devices={devices}{where}: "
             "request at least one GPU per training process."
         )
-
-
-class _CheckedLauncher:
-    """Mixin over the plugin's launchers: check every job, pin the sweep directory, then submit."""
-
-    _EXECUTOR: str
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        for idx, overrides in enumerate(job_overrides):
-            job_cfg = self.config_loader.load_sweep_config(self.config, list(overrides))
-            check_geometry(job_cfg, self.params, self._EXECUTOR, job=f"#{initial_job_idx + idx}")
-
-        sweep_dir = os.path.abspath(str(self.config.hydra.sweep.dir))
-        with open_dict(self.config):
-            self.config.hydra.sweep.dir = sweep_dir
-            # Jobs compose their config again from the overrides; this one fixes the directory for reruns.
-            self.config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{sweep_dir}'")
-        log.info("sweep directory: %s", sweep_dir)
-        return super().launch(job_overrides, initial_job_idx)
-
-    @property
-    def config_loader(self):
-        return self.hydra_context.config_loader
-
-
-class SlurmLauncher(_CheckedLauncher, submitit_launcher.SlurmLauncher):
-    """Submit each job to SLURM through submitit."""
-
-
-class LocalLauncher(_CheckedLauncher, submitit_launcher.LocalLauncher):
-    """Run each job as a local submitit process (the same code path as SLURM, on a laptop)."""
