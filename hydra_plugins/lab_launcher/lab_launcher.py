@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import open_dict
 
+from lab.core.errors import ConfigError
 from lab.core.launcher import check_geometry
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,11 @@ class _CheckedLauncher:
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         for idx, overrides in enumerate(job_overrides):
             job_cfg = self.config_loader.load_sweep_config(self.config, list(overrides))
-            check_geometry(job_cfg, self.params, self._EXECUTOR, job=f"#{initial_job_idx + idx}")
+            try:
+                check_geometry(job_cfg, self.params, self._EXECUTOR, job=f"#{initial_job_idx + idx}")
+            except ConfigError as err:
+                print(f"error: {err} Nothing was submitted.", file=sys.stderr)
+                sys.exit(2)
 
         sweep_dir = os.path.abspath(str(self.config.hydra.sweep.dir))
         with open_dict(self.config):
