@@ -29,11 +29,12 @@ def _cancel_leftover_jobs():
     cancel_all()
 
 
-def array_job_id(sweep_dir: Path, timeout: float = 60) -> str:
-    """The SLURM id of the first job of a sweep, from submitit's folder SWEEP_DIR/.submitit/<id>."""
+def first_job_id(sweep_dir: Path, timeout: float = 60) -> str:
+    """The SLURM id of the first job of a sweep, from submitit's folder SWEEP_DIR/.submitit/<id>
+    (`<id>` is `N_0` for an array job, `N` when the sweep has one job)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        ids = sorted(p.name for p in (sweep_dir / ".submitit").glob("*_0"))
+        ids = sorted(p.name for p in (sweep_dir / ".submitit").glob("*") if p.is_dir())
         if ids:
             return ids[0]
         time.sleep(0.2)
@@ -58,7 +59,7 @@ def test_two_job_sweep_own_dirs_wandb(tmp_path):
 
 
 def test_usr2_requeues_and_resumes_exactly(tmp_path):
-    common = ["experiment=skipgpt_stage1", *TINY, "trainer.max_steps=80", "trainer.val_check_interval=40",
+    common = ["experiment=skipgpt_stage1", *TINY, "trainer.max_steps=200", "trainer.val_check_interval=100",
               "callbacks.model_checkpoint.every_n_train_steps=10"]
     reference = run_lab(*common, f"hydra.run.dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-2000:]
@@ -67,7 +68,7 @@ def test_usr2_requeues_and_resumes_exactly(tmp_path):
     env = {**os.environ, "LAB_DATA_DIR": str(DATA_DIR), "PYTHONPATH": str(ROOT)}
     launcher = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "-m", *common, *SLURM, f"hydra.sweep.dir={sweep}"],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    job_id = array_job_id(sweep)
+    job_id = first_job_id(sweep)
     last = sweep / "0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and launcher.poll() is None:
@@ -82,11 +83,11 @@ def test_usr2_requeues_and_resumes_exactly(tmp_path):
     assert launcher.returncode == 0, output[-3000:]
 
     run_dir = sweep / "0"
-    assert 10 < stopped_at < 80, "the checkpoint was not written at the signal"
+    assert 10 < stopped_at < 200, "the checkpoint was not written at the signal"
     assert f"at step {stopped_at} after SIGUSR2" in (run_dir / "run.log").read_text()
     provenance = sorted(run_dir.glob("provenance.*.json"))
     assert len(provenance) == 2  # the same run directory, started twice
-    assert results(run_dir)["global_step"] == 80
+    assert results(run_dir)["global_step"] == 200
     assert results(run_dir)["metrics"] == results(tmp_path / "reference")["metrics"]
     with open(run_dir / "csv" / "metrics.csv", newline="") as file:
         steps = [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
