@@ -33,3 +33,11 @@ bench: venv
 
 clean:
 	rm -rf logs outputs multirun wandb .pytest_cache
+
+# A one-node SLURM cluster on localhost for the slurm tests (root; installs slurm-wlm and munge with apt).
+.PHONY: slurm-up slurm-down
+slurm-up:
+	bash scripts/slurm_local.sh up
+
+slurm-down:
+	bash scripts/slurm_local.sh down

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from lab.core.errors import ConfigError
 from lab.core.resolvers import register_resolvers
+from lab.core.sweep import finished_job_loss, in_multirun
 
 register_resolvers()
 # conf/hydra/launcher/submitit_local.yaml shares its name with the plugin's schema, which Hydra uses to type-check
@@ -20,16 +21,17 @@ warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigSto
 log = logging.getLogger("lab")
 
 
-def in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from lab.core.task import run_task
+
+    # A sweep relaunched into its own directory (hydra.sweep.dir=SWEEP_DIR) skips the jobs that finished and
+    # resumes the others from their checkpoints.
+    if in_multirun():
+        finished = finished_job_loss(cfg.paths.output_dir)
+        if finished is not False:
+            log.info("job already finished in %s; skipping it", cfg.paths.output_dir)
+            return finished
 
     # In a multirun a failed job is recorded in its run directory (status.json, run.log) and the sweep goes on;
     # the sweep summary then names it and the sweep exits with status 1.

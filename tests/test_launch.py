@@ -48,14 +48,21 @@ def test_failed_job_does_not_stop_sweep(tmp_path):
     assert rows[0]["loss"] and not rows[1]["loss"]
 
 
-def test_sweep_summary_prints_table(tmp_path):
-    result = run_lab("-m", "experiment=skipgpt_stage1", *TINY, "trainer.max_steps=2",
-                     "method.target_sparsity=0.25,0.4", f"paths.log_dir={tmp_path}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "sweep summary" in result.stdout
-    table = result.stdout.split("sweep summary", 1)[1]
+def test_sweep_relaunch_skips_finished_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    command = ["-m", "experiment=skipgpt_stage1", *TINY, "trainer.max_steps=2", "method.target_sparsity=0.25,0.4",
+               f"hydra.sweep.dir={sweep}"]
+    first = run_lab(*command)
+    assert first.returncode == 0, first.stderr[-2000:]
+    table = first.stdout.split("sweep summary", 1)[1]
     assert "method.target_sparsity=0.25" in table
     assert "method.target_sparsity=0.4" in table
+
+    again = run_lab(*command)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "job already finished" in again.stderr + (sweep / "0" / "run.log").read_text()
+    assert len(list((sweep / "0").glob("provenance.*.json"))) == 1  # not started again
+    assert len(list((sweep / "1").glob("provenance.*.json"))) == 1
 
 
 def test_same_second_launches_get_own_dirs(tmp_path):

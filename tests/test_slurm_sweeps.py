@@ -1,5 +1,5 @@
 """Sweeps on the local SLURM cluster through the slurm launcher: own run directories and W&B runs per job,
-requeue after submitit's preemption signal with an exact resume, and 2-task DDP jobs."""
+preemption by a higher-priority job with requeue and an exact resume, and 2-task DDP jobs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from conftest import DATA_DIR, ROOT, TINY, results, run_lab
-from slurm_support import cancel_all, release_requeued, run_slurm, slurm_cluster, wait_for_job_state  # noqa: F401
+from slurm_support import (  # noqa: F401  (slurm_cluster is a fixture)
+    cancel_all, node_cpus, release_requeued, sbatch, slurm_cluster, wait_for_job_state,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -58,7 +60,7 @@ def test_two_job_sweep_own_dirs_wandb(tmp_path):
         assert offline_run.name.endswith(run_id)
 
 
-def test_usr2_requeues_and_resumes_exactly(tmp_path):
+def test_preempted_job_resumes_exactly(tmp_path):
     common = ["experiment=skipgpt_stage1", *TINY, "trainer.max_steps=200", "trainer.val_check_interval=100",
               "callbacks.model_checkpoint.every_n_train_steps=10"]
     reference = run_lab(*common, f"hydra.run.dir={tmp_path / 'reference'}")
@@ -74,9 +76,12 @@ def test_usr2_requeues_and_resumes_exactly(tmp_path):
     while not last.exists() and time.time() < deadline and launcher.poll() is None:
         time.sleep(0.1)
     assert last.exists(), "the job wrote no checkpoint"
-    run_slurm("scancel", "--signal=USR2", job_id)  # what SLURM sends signal_delay_s before a time-out
+    # A job in the higher-priority partition that needs every CPU preempts ours. The cluster sends the job's
+    # own signal at preemption (submitit's USR2, as before a time-out); lab checkpoints, submitit requeues.
+    urgent = sbatch("-p", "urgent", "-n", str(node_cpus()), "--wrap", "sleep 1", name="urgent")
 
     wait_for_job_state(job_id, {"PENDING", "REQUEUED", "REQUEUE_HOLD"}, timeout=120)
+    wait_for_job_state(urgent, "COMPLETED", timeout=120)
     stopped_at = torch.load(last, weights_only=True)["global_step"]
     release_requeued(job_id)
     output, _ = launcher.communicate(timeout=600)

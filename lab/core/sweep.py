@@ -21,6 +21,23 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun (`-m`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def finished_job_loss(run_dir: str) -> float | None | bool:
+    """The held-out loss of a finished run in `run_dir` (None if it recorded none), or False if not finished."""
+    status_file = Path(run_dir) / "status.json"
+    if not status_file.exists() or json.loads(status_file.read_text()).get("status") != "finished":
+        return False
+    results_file = Path(run_dir) / "results.json"
+    return json.loads(results_file.read_text()).get("metrics", {}).get("loss") if results_file.exists() else None
+
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """Job run directories of a sweep (named by job number), in job order."""
     return sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
