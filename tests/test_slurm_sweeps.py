@@ -78,7 +78,8 @@ def test_preempted_job_resumes_exactly(tmp_path):
     assert last.exists(), "the job wrote no checkpoint"
     # A job in the higher-priority partition that needs every CPU preempts ours. The cluster sends the job's
     # own signal at preemption (submitit's USR2, as before a time-out); lab checkpoints, submitit requeues.
-    urgent = sbatch("-p", "urgent", "-n", str(node_cpus()), "--wrap", "sleep 1", name="urgent")
+    urgent = sbatch("-p", "urgent", "-n", str(node_cpus()), "-o", str(tmp_path / "urgent.out"), "--wrap", "sleep 1",
+                    name="urgent")
 
     wait_for_job_state(job_id, {"PENDING", "REQUEUED", "REQUEUE_HOLD"}, timeout=120)
     wait_for_job_state(urgent, "COMPLETED", timeout=120)
