@@ -2,10 +2,13 @@
 
 - `StepSeed` reseeds the random generators at the start of each training step from (seed, step, rank), so the
   randomness of a step (dropout, Gumbel noise) does not depend on whether the run was resumed in between.
-- `PreemptionCheckpoint` turns SIGTERM (what SLURM sends a preempted job, and what `kill` sends) and SIGUSR2
-  (what submitit asks SLURM to send before a time-out) into a checkpoint written at the end of the current
-  training step, followed by a clean stop. On SIGUSR2 it then hands over to submitit's own handler, which
-  requeues the job; after SIGTERM SLURM requeues a preempted job by itself.
+- `FirstStepLog` logs when the first training step is done, which shows a job's start-up cost.
+- `PreemptionCheckpoint` turns SIGTERM and SIGUSR2 into a checkpoint written at the end of the current
+  training step, followed by a clean stop. SIGUSR2 is what submitit has SLURM send before a time-out, and at
+  preemption on clusters with `SlurmctldParameters=preempt_send_user_signal`; after it the callback hands over
+  to submitit's handler, which requeues the job. SIGTERM is what `kill` sends and what SLURM sends at
+  preemption without that flag; the run stops with a checkpoint, and relaunching the sweep into its directory
+  resumes it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import random
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +45,32 @@ class StepSeed(Callback):
         random.seed(step_seed)
         np.random.seed(step_seed)
         torch.manual_seed(step_seed)  # also seeds every CUDA device
+
+
+class FirstStepLog(Callback):
+    """Log one line when the first training step of this process has finished, with the seconds since the
+    process started: the start-up cost of a job (imports, data, model, SLURM scheduling excluded)."""
+
+    def __init__(self):
+        self.done = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        since_start = time.time() - process_start_time()
+        log.info("first training step done (global step %d), %.1f s after the process started", trainer.global_step, since_start)
+
+
+def process_start_time() -> float:
+    """This process's start time in seconds since the epoch, from /proc on Linux (to about 1 s, the resolution
+    of the boot time there); the current time where /proc is missing."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return time.time()
 
 
 class PreemptionCheckpoint(Callback):
