@@ -102,8 +102,21 @@ class StepSampler(Sampler[int]):
             step += 1
 
 
+def blocks_per_batch(batch_tokens: int, seq_len: int) -> int:
+    """Return the blocks in a batch of `batch_tokens` tokens, rejecting a budget that blocks cannot fill exactly."""
+    if batch_tokens <= 0 or batch_tokens % seq_len:
+        raise ConfigError(
+            f"data.batch_tokens={batch_tokens} is not a positive multiple of data.seq_len={seq_len}; "
+            f"use a multiple such as {max(1, round(batch_tokens / seq_len)) * seq_len}."
+        )
+    return batch_tokens // seq_len
+
+
 class TextDataModule(LightningDataModule):
-    """Train on `train_files` (a glob under the data root), evaluate on `val_file`; both must exist."""
+    """Train on `train_files` (a glob under the data root), evaluate on `val_file`; both must exist.
+
+    A training batch contains `batch_size` blocks, or `batch_tokens // seq_len` blocks when `batch_tokens` is set.
+    """
 
     def __init__(
         self,
@@ -119,8 +132,11 @@ class TextDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         source: str = "real",
+        batch_tokens: int | None = None,
     ):
         super().__init__()
+        if batch_tokens is not None:
+            batch_size = blocks_per_batch(batch_tokens, seq_len)
         root = data_root(data_dir)
         self.train_paths = sorted(Path(p) for p in glob.glob(str(root / train_files)))
         if not self.train_paths:
@@ -140,6 +156,7 @@ class TextDataModule(LightningDataModule):
         self.tokenizer_path = tokenizer
         self.seq_len = seq_len
         self.batch_size = batch_size
+        self.batch_tokens = batch_size * seq_len  # tokens per training batch on one device, all real (packed blocks)
         self.eval_batch_size = eval_batch_size
         self.max_train_tokens = max_train_tokens
         self.max_val_tokens = max_val_tokens
@@ -158,6 +175,8 @@ class TextDataModule(LightningDataModule):
             "train_blocks": None if self.train_blocks is None else int(self.train_blocks.shape[0]),
             "val_blocks": None if self.val_blocks is None else int(self.val_blocks.shape[0]),
             "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "batch_tokens": self.batch_tokens,
         }
 
     def setup(self, stage: str | None = None) -> None:

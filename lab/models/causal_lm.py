@@ -66,8 +66,10 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32"):
 def build_llama(
     vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int | None = None,
     intermediate_size: int | None = None, max_position_embeddings: int = 2048, seed: int = 0,
+    tie_word_embeddings: bool = True, bos_token_id: int | None = 1, eos_token_id: int | None = 2,
 ):
-    """Build a randomly initialised LlamaForCausalLM from sizes, for benchmarks and self-generated data."""
+    """Build a randomly initialised LlamaForCausalLM from sizes, for pretraining, benchmarks and self-generated
+    data. With `tie_word_embeddings` the LM head reuses the token-embedding matrix."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -79,9 +81,9 @@ def build_llama(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads or num_heads,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
