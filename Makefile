@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export LAB_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: venv run test test-fast bench clean
+.PHONY: venv run test test-fast bench bench-cluster scaling-law clean
 
 venv: $(VENV)/.installed
 
@@ -23,13 +23,21 @@ run: venv
 test: venv
 	$(PY) -m pytest -q
 
-# Mechanism tests only: no end-to-end training runs.
+# Mechanism tests only: no end-to-end training runs and no SLURM jobs.
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not slurm"
 
 bench: venv
 	$(PY) benchmarks/skipgpt_speed.py
 	$(PY) benchmarks/overhead.py
+
+# Start-up, submitit overhead and preemption cost on the local SLURM cluster (needs make slurm-up).
+bench-cluster: venv
+	$(PY) benchmarks/cluster.py
+
+# The scaling-law ladder, batch sweep and fit (about 30 minutes on 2 CPU cores); see experiments/scaling_law/.
+scaling-law: venv
+	bash benchmarks/scaling_law.sh
 
 clean:
 	rm -rf logs outputs multirun wandb .pytest_cache
