@@ -213,6 +213,8 @@ def test_ctrl_c_marks_run_interrupted(tmp_path):
         [sys.executable, str(ROOT / "run.py"), "experiment=skipgpt_stage1", f"hydra.run.dir={run_dir}", *TINY,
          "trainer.max_steps=500", "callbacks.model_checkpoint.every_n_train_steps=5"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # A shell starts background jobs with SIGINT ignored, and Python keeps that; a terminal's Ctrl-C does not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
     while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and process.poll() is None:
